@@ -1,0 +1,92 @@
+"""Writing and reading the memory store; shared by the API and the job handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Insert, Table, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.models import IndexEntry, Memory, utcnow
+from app.search import Hit, bm25, index_row
+
+
+def insert_ignoring_duplicates(session: Session, table: Table, key: str) -> Insert:
+    """INSERT that skips rows whose key exists: what makes a repeated batch harmless."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
+def insert_memories(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert memories and their index entries in two batched statements.
+
+    Each row has ``id, account_id, collection_id, content`` and optionally
+    ``document_id, importance, metadata, created_at``. Rows whose id already
+    exists are skipped, so a handler that gives deterministic ids can repeat a
+    batch safely. Returns how many rows were given.
+    """
+    if not rows:
+        return 0
+    now = utcnow()
+    memories = []
+    entries = []
+    for row in rows:
+        created_at: datetime = row.get("created_at") or now
+        memories.append(
+            {
+                "id": row["id"],
+                "account_id": row["account_id"],
+                "collection_id": row["collection_id"],
+                "document_id": row.get("document_id"),
+                "content": row["content"],
+                "importance": row.get("importance", 0.5),
+                "metadata": row.get("metadata") or {},
+                "created_at": created_at,
+                "access_count": 0,
+            }
+        )
+        entry = index_row(row["content"])
+        entries.append(
+            {
+                "memory_id": row["id"],
+                "account_id": row["account_id"],
+                "collection_id": row["collection_id"],
+                "terms": entry.terms,
+                "vector": entry.vector,
+                "created_at": now,
+            }
+        )
+    # Through the tables, so rows use column names ("metadata", not "metadata_").
+    session.execute(insert_ignoring_duplicates(session, Memory.__table__, "id"), memories)
+    session.execute(insert_ignoring_duplicates(session, IndexEntry.__table__, "memory_id"), entries)
+    return len(rows)
+
+
+def search_memories(
+    session: Session,
+    account_id: str,
+    query: str,
+    *,
+    collection_id: str | None = None,
+    limit: int = 10,
+    candidates: int | None = None,
+) -> list[tuple[Memory, Hit]]:
+    """BM25 search over the live memories of an account (optionally one collection)."""
+    stmt = (
+        select(IndexEntry.memory_id, IndexEntry.terms, IndexEntry.vector)
+        .join(Memory, Memory.id == IndexEntry.memory_id)
+        .where(IndexEntry.account_id == account_id, Memory.deleted_at.is_(None))
+    )
+    if collection_id is not None:
+        stmt = stmt.where(IndexEntry.collection_id == collection_id)
+    hits = bm25(query, session.execute(stmt).tuples(), limit=candidates or limit)
+    if not hits:
+        return []
+    by_id = {
+        m.id: m
+        for m in session.scalars(select(Memory).where(Memory.id.in_([h.memory_id for h in hits])))
+    }
+    return [(by_id[h.memory_id], h) for h in hits if h.memory_id in by_id]

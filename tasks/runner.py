@@ -1,0 +1,148 @@
+"""The one Celery task per job type, and the runner that owns their state.
+
+The task takes the job id (which is also its task id), runs the type's handler
+with a :class:`~tasks.context.JobContext`, and leaves every change of state to
+the signal handlers in :mod:`tasks.signals` and the state machine in
+:mod:`app.jobstate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app import jobstate
+from app.db import new_session, session_scope
+from app.models import Job
+from config import AVAILABLE_JOB_TYPES, get_settings
+from config.celery import job_task_name
+from tasks import bulk_import, cleanup
+from tasks.context import JobCancelled, JobContext, JobFailed, JobSuperseded
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[JobContext, Session], dict[str, Any]]
+
+HANDLERS: dict[str, Handler] = {
+    "bulk_import": bulk_import.run,
+    "cleanup": cleanup.run,
+}
+assert set(HANDLERS) == set(AVAILABLE_JOB_TYPES), "every available type needs a handler"
+
+# Errors worth another attempt: the database or a network peer went away for a
+# moment. Anything else is a bug or bad input and fails the job.
+RETRYABLE: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError)
+
+
+class _Heartbeat(threading.Thread):
+    """Touches the job row while the handler runs, so the reconciler can tell a
+    busy job from one whose worker died."""
+
+    def __init__(self, job_id: str, attempt: int, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.job_id, self.attempt, self.interval = job_id, attempt, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                with session_scope() as session:
+                    if not jobstate.heartbeat(session, self.job_id, self.attempt):
+                        return
+            except Exception:  # a lost connection: try again at the next beat
+                log.warning("heartbeat of %s failed", self.job_id, exc_info=True)
+
+
+def run_job(task: Task, job_id: str) -> dict[str, Any] | None:
+    """Run the handler of ``job_id`` for the attempt that task_prerun claimed."""
+    claim: jobstate.Claim | None = getattr(task.request, "hebbrix_claim", None)
+    if claim is None or not claim.run:
+        reason = claim.reason if claim else "not claimed"
+        log.info("skipping %s: %s", job_id, reason)
+        return None
+    settings = get_settings()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        ctx = JobContext(
+            job_id=job.id,
+            account_id=job.account_id,
+            job_type=job.type,
+            parameters=dict(job.parameters),
+            attempt=claim.attempt,
+            saved=dict(job.checkpoint or {}),
+            min_interval=settings.progress_interval,
+        )
+    heartbeat = _Heartbeat(job_id, claim.attempt, settings.heartbeat_interval)
+    heartbeat.start()
+    session = new_session()
+    try:
+        result = HANDLERS[ctx.job_type](ctx, session)
+        session.commit()
+        return result
+    except JobCancelled:
+        session.rollback()
+        with session_scope() as s:
+            jobstate.record_cancel_details(
+                s, job_id, {"code": "cancelled", "stage": ctx.stage, **ctx.stats}
+            )
+        return None
+    except JobSuperseded:
+        session.rollback()
+        log.warning("attempt %s of %s was superseded; stopping", claim.attempt, job_id)
+        return None
+    except SoftTimeLimitExceeded:
+        session.rollback()
+        limit = settings.time_limits[ctx.job_type][0]
+        raise JobFailed(
+            "soft_time_limit_exceeded",
+            f"The job ran past its time limit of {limit} seconds.",
+            stage=ctx.stage,
+            **ctx.stats,
+        ) from None
+    except JobFailed as exc:
+        session.rollback()
+        exc.details = {"stage": ctx.stage, **ctx.stats, **exc.details}
+        raise
+    except RETRYABLE as exc:
+        session.rollback()
+        retries = task.request.retries
+        raise task.retry(
+            exc=exc, countdown=min(60, 2 ** (retries + 1)), max_retries=settings.max_attempts - 1
+        ) from exc
+    except Exception:
+        session.rollback()
+        raise
+    finally:
+        heartbeat.stopped.set()
+        session.close()
+
+
+def _define_job_task(job_type: str) -> Task:
+    soft, hard = get_settings().time_limits[job_type]
+
+    @shared_task(
+        name=job_task_name(job_type),
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        soft_time_limit=soft,
+        time_limit=hard,
+        # Expected failures: logged without a traceback.
+        throws=(JobFailed,),
+    )
+    def job_task(self: Task, job_id: str) -> dict[str, Any] | None:
+        return run_job(self, job_id)
+
+    return job_task
+
+
+JOB_TASKS: dict[str, Task] = {t: _define_job_task(t) for t in AVAILABLE_JOB_TYPES}

@@ -1,0 +1,180 @@
+"""System sweeps run by beat: dispatch, reconcile, purge, and per-account schedules."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from celery import current_app, shared_task
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app import jobstate
+from app.db import session_scope
+from app.dispatch import publish_job, revoke_job
+from app.models import Account, Job, JobEvent, utcnow
+from config import AVAILABLE_JOB_TYPES, get_settings
+
+log = logging.getLogger(__name__)
+
+SWEEP_BATCH = 500
+# A job's hard time limit plus this long, and the reconciler calls it dead.
+HARD_LIMIT_MARGIN = timedelta(seconds=30)
+
+
+@shared_task(name="hebbrix.system.dispatch_queued_jobs", ignore_result=True, time_limit=300)
+def dispatch_queued_jobs() -> int:
+    """Publish queued jobs the broker never got (it was down when they were created)."""
+    settings = get_settings()
+    before = utcnow() - timedelta(seconds=settings.dispatch_after_seconds)
+    with session_scope() as session:
+        pending = session.execute(
+            select(Job.id, Job.type)
+            .where(
+                Job.status == jobstate.QUEUED, Job.dispatched_at.is_(None), Job.updated_at < before
+            )
+            .order_by(Job.created_at)
+            .limit(SWEEP_BATCH)
+        ).all()
+    published = 0
+    for job_id, job_type in pending:
+        if not publish_job(current_app, job_id, job_type):
+            break  # the broker is still down; the next sweep tries again
+        published += 1
+    if published:
+        log.info("dispatched %d queued jobs", published)
+    return published
+
+
+@shared_task(name="hebbrix.system.reconcile_running_jobs", ignore_result=True, time_limit=300)
+def reconcile_running_jobs() -> dict[str, int]:
+    """Settle jobs whose worker is gone, that outlived their hard time limit, or
+    that were cancelled but whose handler did not stop."""
+    settings = get_settings()
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0, "terminated": 0}
+    with session_scope() as session:
+        running = session.scalars(
+            select(Job).where(Job.status == jobstate.RUNNING).limit(SWEEP_BATCH)
+        ).all()
+        for job in running:
+            hard = settings.time_limits.get(job.type, (0, 3600))[1]
+            started = job.attempt_started_at or job.started_at or now
+            if started + timedelta(seconds=hard) + HARD_LIMIT_MARGIN < now:
+                # Celery sends no failure signal for a hard time limit in every
+                # version; this is where such a job ends.
+                if jobstate.fail(
+                    session,
+                    job.id,
+                    code="time_limit_exceeded",
+                    message=f"The job was stopped at its hard time limit of {hard} seconds.",
+                    details={"attempts": job.attempts},
+                    attempt=job.attempts,
+                    retention_days=settings.job_retention_days,
+                ):
+                    counts["failed"] += 1
+                continue
+            heartbeat = job.heartbeat_at or started
+            if heartbeat < now - timedelta(seconds=settings.heartbeat_stale_after):
+                if job.attempts >= settings.max_attempts:
+                    done = jobstate.fail(
+                        session,
+                        job.id,
+                        code="worker_lost",
+                        message=(
+                            f"The job's worker was lost on each of its {job.attempts} attempts."
+                        ),
+                        details={"attempts": job.attempts},
+                        attempt=job.attempts,
+                        retention_days=settings.job_retention_days,
+                    )
+                    counts["failed"] += int(done)
+                else:
+                    done = jobstate.requeue(
+                        session,
+                        job.id,
+                        attempt=job.attempts,
+                        reason="worker lost (no heartbeat)",
+                        redispatch=True,
+                    )
+                    counts["requeued"] += int(done)
+        grace = now - timedelta(seconds=settings.cancel_grace_seconds)
+        stubborn = session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == jobstate.CANCELLED,
+                Job.worker.is_not(None),
+                Job.cancel_requested_at < grace,
+            )
+            .limit(SWEEP_BATCH)
+        ).all()
+        for job_id in stubborn:
+            revoke_job(current_app, job_id, terminate=True)
+            session.execute(update(Job).where(Job.id == job_id).values(worker=None))
+            counts["terminated"] += 1
+    if any(counts.values()):
+        log.info("reconciled running jobs: %s", counts)
+    return counts
+
+
+@shared_task(name="hebbrix.system.purge_expired_jobs", ignore_result=True, time_limit=1800)
+def purge_expired_jobs() -> int:
+    """Delete job records past ``expires_at`` (what the jobs made is kept)."""
+    purged = 0
+    while True:
+        with session_scope() as session:
+            ids = list(
+                session.scalars(
+                    select(Job.id)
+                    .where(Job.expires_at.is_not(None), Job.expires_at < utcnow())
+                    .limit(SWEEP_BATCH)
+                )
+            )
+            if not ids:
+                break
+            session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
+            session.execute(delete(Job).where(Job.id.in_(ids)))
+        purged += len(ids)
+    return purged
+
+
+def slot_start(period: str, now: datetime) -> datetime:
+    if period == "hourly":
+        return now.replace(minute=0, second=0, microsecond=0)
+    if period == "daily":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    raise ValueError(f"unknown period {period!r}")
+
+
+@shared_task(name="hebbrix.system.schedule_account_jobs", ignore_result=True, time_limit=1800)
+def schedule_account_jobs(job_type: str, period: str, now: str | None = None) -> int:
+    """Create this slot's scheduled job of ``job_type`` for every account.
+
+    The schedule key (type, account, slot) is unique in the jobs table, so a
+    second beat firing the same slot creates nothing.
+    """
+    if job_type not in AVAILABLE_JOB_TYPES:
+        return 0
+    moment = datetime.fromisoformat(now) if now else datetime.now(UTC)
+    slot = slot_start(period, moment.astimezone(UTC))
+    created: list[tuple[str, str]] = []
+    with session_scope() as session:
+        account_ids = list(session.scalars(select(Account.id).order_by(Account.id)))
+    for account_id in account_ids:
+        key = f"{job_type}:{account_id}:{slot.isoformat()}"
+        try:
+            with session_scope() as session:
+                job = jobstate.create_job(
+                    session,
+                    account_id=account_id,
+                    job_type=job_type,
+                    parameters={},
+                    metadata={"triggered_by": "schedule", "slot": slot.isoformat()},
+                    schedule_key=key,
+                )
+                created.append((job.id, job_type))
+        except IntegrityError:
+            continue  # another beat got there first
+    for job_id, jtype in created:
+        publish_job(current_app, job_id, jtype)
+    return len(created)
