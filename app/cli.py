@@ -152,7 +152,10 @@ def run(
                   f"--address={settings.api_host}"]
         if settings.flower_basic_auth:
             flower.append(f"--basic-auth={settings.flower_basic_auth}")
-        elif not settings.embedded:
+        elif settings.embedded:
+            # A local demo: let Flower's HTTP API answer without a login too.
+            env["FLOWER_UNAUTHENTICATED_API"] = "true"
+        else:
             raise click.ClickException(
                 "Flower needs HEBBRIX_FLOWER_BASIC_AUTH=user:password outside the embedded "
                 "profile (or pass --no-flower)."

@@ -82,7 +82,7 @@ def search_memories(
     )
     if collection_id is not None:
         stmt = stmt.where(IndexEntry.collection_id == collection_id)
-    hits = bm25(query, session.execute(stmt).tuples(), limit=candidates or limit)
+    hits = bm25(query, session.execute(stmt), limit=candidates or limit)
     if not hits:
         return []
     by_id = {

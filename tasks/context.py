@@ -28,6 +28,14 @@ class JobFailed(Exception):
         self.message = message
         self.details = details
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Celery pickles a task's exception for its failure signal; keep ours whole.
+        return (_rebuild_failure, (self.code, self.message, self.details))
+
+
+def _rebuild_failure(code: str, message: str, details: dict[str, Any]) -> JobFailed:
+    return JobFailed(code, message, **details)
+
 
 class JobStopped(Exception):
     """The attempt must stop now; raised out of ``progress``/``checkpoint``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -125,3 +126,62 @@ def start_job(client: Any, account: Account, job_type: str, **parameters: Any) -
     )
     assert resp.status_code == 202, resp.json
     return resp.json
+
+
+class TrickleServer:
+    """Serves one generated body slowly: ``chunks`` pieces, ``delay`` seconds apart.
+
+    It makes an import that is still downloading when the test acts on it.
+    """
+
+    def __init__(self, chunks: list[bytes], delay: float, content_type: str) -> None:
+        body_chunks, pause, ctype = chunks, delay, content_type
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(sum(len(c) for c in body_chunks)))
+                self.end_headers()
+                try:
+                    for chunk in body_chunks:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        time.sleep(pause)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, name: str = "slow.jsonl") -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def locomo_jsonl(path: Path) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
+    """A LoCoMo conversation as JSONL (one memory per turn), its questions, and
+    the text of each turn by dia_id."""
+    conversation = json.loads(path.read_text())
+    convo = conversation.get("conversation", conversation)
+    lines = []
+    texts: dict[str, str] = {}
+    session = 1
+    while f"session_{session}" in convo:
+        for turn in convo[f"session_{session}"]:
+            content = f"{turn['speaker']}: {turn['text']}"
+            texts[turn["dia_id"]] = content
+            lines.append(json.dumps({
+                "content": content,
+                "metadata": {"dia_id": turn["dia_id"], "session": session},
+            }))
+        session += 1
+    return "\n".join(lines) + "\n", conversation["qa"], texts
