@@ -69,7 +69,7 @@ class _Importer:
         self.skipped_count: int = ctx.saved.get("skipped_count", len(self.skipped))
         self.documents_done: int = ctx.saved.get("documents_done", 0)
 
-    def _skip(self, skip: Skip) -> None:
+    def skip(self, skip: Skip) -> None:
         self.skipped_count += 1
         if len(self.skipped) < MAX_SKIP_REASONS:
             self.skipped.append({"reason": skip.reason, "where": skip.where})
@@ -115,7 +115,7 @@ class _Importer:
         try:
             for position, item in enumerate(source.items):
                 if isinstance(item, Skip):
-                    self._skip(item)
+                    self.skip(item)
                     continue
                 batch.append(self._row(document_id, ordinal, position, item))
                 if len(batch) >= BATCH_SIZE:
@@ -227,6 +227,9 @@ def run(ctx: JobContext, session: Session) -> dict[str, Any]:
                         pass
                     continue
                 importer.import_document(ordinal, source)
+            # Archive members passed over (nested archives, unreadable files).
+            for skip in documents.skipped:
+                importer.skip(skip)
         except FormatError as exc:
             raise JobFailed(exc.code, exc.message) from None
 

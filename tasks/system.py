@@ -159,7 +159,16 @@ def schedule_account_jobs(job_type: str, period: str, now: str | None = None) ->
     slot = slot_start(period, moment.astimezone(UTC))
     created: list[tuple[str, str]] = []
     with session_scope() as session:
-        account_ids = list(session.scalars(select(Account.id).order_by(Account.id)))
+        # An account whose previous run is still active skips this slot, as a
+        # client's second request for a singleton type would be refused.
+        busy = select(Job.account_id).where(
+            Job.type == job_type, Job.status.in_(jobstate.ACTIVE)
+        )
+        account_ids = list(
+            session.scalars(
+                select(Account.id).where(Account.id.not_in(busy)).order_by(Account.id)
+            )
+        )
     for account_id in account_ids:
         key = f"{job_type}:{account_id}:{slot.isoformat()}"
         try:
