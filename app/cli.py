@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from app import migrate
 from app.auth import create_account, create_key, revoke_key
+from app.backups import BackupError, list_backups, restore_backup
 from app.db import reset_engine, session_scope
 from app.models import Account
 from config import reload_settings
@@ -88,6 +89,56 @@ def keys_revoke(key: str) -> None:
     click.echo("revoked")
 
 
+@main.group()
+def backups() -> None:
+    """Account backups (made by the backup job)."""
+
+
+@backups.command("list")
+@click.argument("account_id")
+def backups_list(account_id: str) -> None:
+    """List an account's backups, newest first."""
+    with session_scope() as session:
+        if session.get(Account, account_id) is None:
+            raise click.ClickException(f"no account {account_id}")
+        rows = list_backups(session, account_id)
+    for backup in rows:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(backup.counts.items()))
+        click.echo(
+            f"{backup.id}\t{backup.created_at.isoformat()}\t{backup.bytes}\t{backup.sha256}"
+            f"\t{backup.location}\t{counts}"
+        )
+
+
+@backups.command("restore")
+@click.argument("backup_id")
+@click.option(
+    "--into",
+    "into",
+    metavar="NEW_ACCOUNT_NAME",
+    default=None,
+    help="Restore into a new account of this name (fresh ids) instead of in place.",
+)
+def backups_restore(backup_id: str, into: str | None) -> None:
+    """Restore a backup after verifying its checksums.
+
+    In place, the account's collections, documents, memories, index entries,
+    feedback and policies are replaced by the backup's, in one transaction.
+    With --into, a new account gets a copy; its API key is printed once.
+    """
+    with session_scope() as session:
+        try:
+            result = restore_backup(session, backup_id, into_account_name=into)
+        except BackupError as exc:
+            raise click.ClickException(str(exc)) from None
+    where = "in place" if result.in_place else "into a new account"
+    click.echo(f"restored {backup_id} {where}: account {result.account_id}")
+    for name, count in result.counts.items():
+        click.echo(f"  {name}: {count}")
+    if result.api_key:
+        click.echo(result.api_key)
+
+
 def _local_key() -> str:
     with session_scope() as session:
         account = session.scalar(select(Account).where(Account.name == "local").limit(1))
@@ -95,6 +146,24 @@ def _local_key() -> str:
             _, key = create_account(session, "local")
             return key
         return create_key(session, account.id)
+
+
+def _check_flower_auth(basic_auth: str, *, embedded: bool) -> None:
+    """Flower can revoke and kill tasks: outside the embedded profile it must ask
+    for a login, given as ``user:password`` (several separated by commas)."""
+    if not basic_auth:
+        if embedded:
+            return
+        raise click.ClickException(
+            "Flower needs HEBBRIX_FLOWER_BASIC_AUTH=user:password outside the embedded "
+            "profile (or pass --no-flower)."
+        )
+    for credential in basic_auth.split(","):
+        user, _, password = credential.partition(":")
+        if not user or not password:
+            raise click.ClickException(
+                "HEBBRIX_FLOWER_BASIC_AUTH must be user:password (several separated by commas)."
+            )
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -119,6 +188,9 @@ def run(
     if flower_port:
         os.environ["HEBBRIX_FLOWER_PORT"] = str(flower_port)
     settings = reload_settings()
+    if not no_flower:
+        # Refused before anything starts: a half-started stack would be left running.
+        _check_flower_auth(settings.flower_basic_auth, embedded=settings.embedded)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade()
     key = _local_key()
@@ -150,17 +222,16 @@ def run(
     if not no_flower:
         flower = [*celery, "flower", f"--port={settings.flower_port}",
                   f"--address={settings.api_host}"]
+        flower_env = dict(env)
         if settings.flower_basic_auth:
-            flower.append(f"--basic-auth={settings.flower_basic_auth}")
-        elif settings.embedded:
-            # A local demo: let Flower's HTTP API answer without a login too.
-            env["FLOWER_UNAUTHENTICATED_API"] = "true"
+            # Through the environment, not --basic-auth: a command line is readable
+            # by every local user (ps), the process environment is not.
+            flower_env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
         else:
-            raise click.ClickException(
-                "Flower needs HEBBRIX_FLOWER_BASIC_AUTH=user:password outside the embedded "
-                "profile (or pass --no-flower)."
-            )
-        children["flower"] = _spawn(flower, env)
+            # The embedded profile only (checked above): a local demo, so let
+            # Flower's HTTP API answer without a login too.
+            flower_env["FLOWER_UNAUTHENTICATED_API"] = "true"
+        children["flower"] = _spawn(flower, flower_env)
         flower_url = f"http://{settings.api_host}:{settings.flower_port}"
 
     profile = "embedded" if settings.embedded else "production"

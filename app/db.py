@@ -33,12 +33,20 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 
 def make_engine(url: str) -> Engine:
-    """Build an engine for ``url`` with the settings each backend needs."""
+    """Build an engine for ``url`` with the settings each backend needs.
+
+    Both hide statement parameters from SQL echo and from error messages: they
+    carry job parameters (a PDF password) and content that must not reach logs.
+    """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "isolation_level": None})
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "isolation_level": None},
+            hide_parameters=True,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
 
         # pysqlite's own transaction handling defers BEGIN until the first write,
@@ -55,6 +63,7 @@ def make_engine(url: str) -> Engine:
         max_overflow=10,
         pool_recycle=1800,
         connect_args={"connect_timeout": 5},
+        hide_parameters=True,
     )
 
 

@@ -21,7 +21,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, row_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created), str(row_id)
+        if not isinstance(row_id, str) or "\x00" in row_id:
+            # A forged cursor; PostgreSQL would refuse the NUL in the comparison.
+            raise ValueError("invalid cursor id")
+        return datetime.fromisoformat(created), row_id
     except (ValueError, TypeError):
         abort(422, message="Invalid cursor.", errors={"query": {"after": ["Invalid cursor."]}})
         raise  # unreachable: abort raises
@@ -37,11 +40,14 @@ def paginate(
     """
     if after:
         created_at, row_id = decode_cursor(after)
+        # The redundant `created_at <= cursor` is what the index can seek to; the OR
+        # alone is only a filter, and the scan would walk every newer row first.
         stmt = stmt.where(
+            model.created_at <= created_at,
             or_(
                 model.created_at < created_at,
                 and_(model.created_at == created_at, model.id < row_id),
-            )
+            ),
         )
     rows = list(
         session.scalars(stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1))

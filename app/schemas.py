@@ -12,11 +12,57 @@ from config import IMPORT_FORMATS, JOB_TYPES
 MAX_PAGE_SIZE = 100
 
 
+# Deeper JSON than this in a request is refused: no field needs it, and every
+# reader of the stored value (exports, jobs, the database) would pay for it.
+MAX_JSON_DEPTH = 32
+
+
+def is_storable_text(value: str) -> bool:
+    """PostgreSQL text cannot hold NUL, and a lone surrogate (which a JSON ``\\u``
+    escape can produce) has no UTF-8 form: either would fail in the database."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why ``value`` (a loaded field, with nested dicts and lists) cannot be stored,
+    or None. Iterative, so hostile nesting cannot exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not is_storable_text(item):
+                return "Text must not contain NUL characters or unpaired surrogates."
+        elif isinstance(item, dict | list | tuple):
+            if depth > MAX_JSON_DEPTH:
+                return f"Nested too deeply (at most {MAX_JSON_DEPTH} levels)."
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+    return None
+
+
 class StrictSchema(ma.Schema):
-    """Unknown fields are an error, never silently dropped."""
+    """Unknown fields are an error, never silently dropped; a value the database
+    could not store is a field error (422), not a database error."""
 
     class Meta:
         unknown = ma.RAISE
+
+    @ma.validates_schema
+    def _storable(self, data: dict[str, Any], **_: Any) -> None:
+        # Checked on the loaded data, nested dicts (metadata, job parameters) included.
+        problems = {name: _unstorable(value) for name, value in data.items()}
+        bad = {name: [problem] for name, problem in problems.items() if problem}
+        if bad:
+            raise ma.ValidationError(bad)
 
 
 def _percent_float(**kwargs: Any) -> fields.Float:
@@ -63,7 +109,7 @@ class DataExportParameters(StrictSchema):
 
 
 class BackupParameters(StrictSchema):
-    pass
+    compression = fields.String(validate=validate.OneOf(("tar.gz", "zip")))
 
 
 class ConsolidationParameters(StrictSchema):
@@ -240,16 +286,47 @@ class SearchRequestSchema(StrictSchema):
     query = fields.String(required=True, validate=validate.Length(1, 2000))
     collection_id = fields.String(validate=validate.Length(1, 40))
     limit = fields.Integer(load_default=10, validate=validate.Range(1, MAX_PAGE_SIZE))
+    resolve_sources = fields.Boolean(
+        load_default=False,
+        metadata={"description": "With each consolidated hit, the memories merged into it."},
+    )
+    rerank = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Re-rank the candidates with the account's newest policy."},
+    )
 
 
 class SearchHitSchema(ma.Schema):
-    score = fields.Float()
+    score = fields.Float(metadata={"description": "The BM25 score."})
+    policy_score = fields.Float(metadata={"description": "The policy's score, with rerank."})
     memory = fields.Nested(MemorySchema)
+    sources = fields.List(
+        fields.Nested(MemorySchema),
+        metadata={"description": "With resolve_sources: what consolidation merged into it."},
+    )
 
 
 class SearchResultSchema(ma.Schema):
     object = fields.Constant("list")
     data = fields.List(fields.Nested(SearchHitSchema))
+    policy_id = fields.String(
+        allow_none=True,
+        metadata={"description": "With rerank: the policy used, null when there is none."},
+    )
+
+
+class ArtifactSchema(ma.Schema):
+    id = fields.String()
+    object = fields.Constant("artifact")
+    kind = fields.String()
+    job_id = fields.String(allow_none=True)
+    filename = fields.String()
+    content_type = fields.String()
+    bytes = fields.Integer()
+    sha256 = fields.String()
+    download_url = fields.String()
+    created_at = fields.DateTime()
+    expires_at = fields.DateTime(allow_none=True)
 
 
 class FeedbackCreateSchema(StrictSchema):

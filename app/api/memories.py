@@ -23,7 +23,13 @@ from app.schemas import (
     SearchRequestSchema,
     SearchResultSchema,
 )
-from app.store import insert_memories, search_memories
+from app.store import (
+    consolidation_sources,
+    insert_memories,
+    latest_policy,
+    rerank_hits,
+    search_memories,
+)
 
 blp = Blueprint("memories", __name__, url_prefix="/v1/memories", description="Memories.")
 blp.before_request(authenticate)
@@ -40,6 +46,7 @@ def get_owned_memory(memory_id: str) -> Memory:
 class Memories(MethodView):
     @blp.arguments(MemoryCreateSchema)
     @blp.response(201, MemorySchema)
+    @blp.alt_response(404, description="No such collection.")
     def post(self, body: dict[str, Any]) -> Memory:
         """Create a memory"""
         collection = get_owned_collection(body["collection_id"])
@@ -104,21 +111,44 @@ class MemoryById(MethodView):
 class MemorySearch(MethodView):
     @blp.arguments(SearchRequestSchema)
     @blp.response(200, SearchResultSchema)
+    @blp.alt_response(404, description="No such collection.")
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """Search memories
 
         Ranks the account's live memories (or one collection's) against the query.
+        With `rerank`, the account's newest `rl_training` policy orders the best
+        candidates; with `resolve_sources`, a consolidated hit lists the memories
+        merged into it.
         """
         if "collection_id" in body:
             get_owned_collection(body["collection_id"])
+        limit = body["limit"]
+        # Only the caller's own policy: another account's feedback never shapes this.
+        policy = latest_policy(g.db, g.account_id) if body["rerank"] else None
+        candidates = max(limit, policy.features.get("candidates", limit)) if policy else limit
         hits = search_memories(
             g.db,
             g.account_id,
             body["query"],
             collection_id=body.get("collection_id"),
-            limit=body["limit"],
+            limit=limit,
+            candidates=candidates,
         )
-        return {"data": [{"score": hit.score, "memory": memory} for memory, hit in hits]}
+        data: list[dict[str, Any]] = []
+        if policy is not None:
+            for memory, hit, policy_score in rerank_hits(policy, body["query"], hits)[:limit]:
+                data.append({"score": hit.score, "policy_score": policy_score, "memory": memory})
+        else:
+            data = [{"score": hit.score, "memory": memory} for memory, hit in hits[:limit]]
+        if body["resolve_sources"]:
+            sources = consolidation_sources(g.db, g.account_id, [d["memory"].id for d in data])
+            for item in data:
+                if item["memory"].id in sources:
+                    item["sources"] = sources[item["memory"].id]
+        result: dict[str, Any] = {"data": data}
+        if body["rerank"]:
+            result["policy_id"] = policy.id if policy else None
+        return result
 
 
 @blp.route("/<memory_id>/feedback")
