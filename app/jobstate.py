@@ -111,13 +111,12 @@ def _terminal_values(retention_days: int) -> dict[str, Any]:
     return {"finished_at": now, "expires_at": now + timedelta(days=retention_days), "worker": None}
 
 
-def mark_dispatched(session: Session, job_id: str) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.dispatched_at.is_(None))
-        .values(dispatched_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+def mark_dispatched(session: Session, job_id: str, *, again: bool = False) -> None:
+    """Record that the broker took the job (``again``: a re-publish of a queued job)."""
+    stmt = update(Job).where(Job.id == job_id).values(dispatched_at=utcnow())
+    if not again:
+        stmt = stmt.where(Job.dispatched_at.is_(None))
+    session.execute(stmt.execution_options(synchronize_session=False))
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,19 @@ def run(ctx: JobContext, session: Session) -> dict[str, Any]:
         except FormatError as exc:
             raise JobFailed(exc.code, exc.message) from None
 
+    if ctx.stats["memories_created"] == 0 and importer.skipped_count:
+        # Everything was passed over: that is a failed import, not an empty one.
+        for ordinal in range(importer.documents_done):
+            _remove_document(session, _derived_id("doc", ctx.job_id, ordinal))
+        session.commit()
+        ctx.stats["documents_created"] = 0
+        first = importer.skipped[0]
+        raise JobFailed(
+            "nothing_imported",
+            f"Nothing could be imported: {importer.skipped_count} item(s) were skipped, "
+            f"the first ({first['where']}) because: {first['reason']}.",
+            skipped={"count": importer.skipped_count, "reasons": importer.skipped[:10]},
+        )
     return {
         "documents_created": ctx.stats["documents_created"],
         "memories_created": ctx.stats["memories_created"],

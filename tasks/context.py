@@ -8,15 +8,19 @@ into states.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from app import jobstate
 from app.db import session_scope
 from app.models import Job
+
+log = logging.getLogger(__name__)
 
 
 class JobFailed(Exception):
@@ -88,14 +92,21 @@ class JobContext:
 
     def _write(self, state: dict[str, Any] | None) -> None:
         self._last_write = time.monotonic()
-        with session_scope() as session:
-            if jobstate.report_progress(
-                session, self.job_id, self.attempt, self._percent, self._message, state
-            ):
-                return
-            row = session.execute(
-                select(Job.status, Job.attempts).where(Job.id == self.job_id)
-            ).first()
+        try:
+            with session_scope() as session:
+                if jobstate.report_progress(
+                    session, self.job_id, self.attempt, self._percent, self._message, state
+                ):
+                    return
+                row = session.execute(
+                    select(Job.status, Job.attempts).where(Job.id == self.job_id)
+                ).first()
+        except OperationalError:
+            if state is not None:
+                raise  # a resume point that was not saved: let the runner retry
+            # A progress report is not worth the job: try again at the next one.
+            log.warning("progress write for %s failed; database unavailable", self.job_id)
+            return
         if row is not None and row.status == jobstate.CANCELLED:
             raise JobCancelled(self.job_id)
         raise JobSuperseded(self.job_id)

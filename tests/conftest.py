@@ -26,6 +26,9 @@ TEST_ENV = {
     "HEBBRIX_SWEEP_INTERVAL": "1",
     "HEBBRIX_DISPATCH_AFTER_SECONDS": "1",
     "HEBBRIX_CANCEL_GRACE_SECONDS": "5",
+    # Beat creates per-account scheduled jobs at its start and then hourly;
+    # the schedule tests set their own interval.
+    "HEBBRIX_SCHEDULE_CHECK_SECONDS": "3600",
 }
 os.environ.update(TEST_ENV)
 
@@ -190,3 +193,24 @@ def file_server(tmp_path: Path) -> Iterator[FileServer]:
     server = FileServer(root)
     yield server
     server.close()
+
+
+# --- the fault suite ------------------------------------------------------------
+
+_LEDGER: list[Any] = []
+
+
+@pytest.fixture(scope="session")
+def fault_ledger() -> Any:
+    from tests.stack import Ledger
+
+    ledger = Ledger()
+    _LEDGER.append(ledger)
+    return ledger
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for ledger in _LEDGER:
+        if ledger.rows:
+            terminalreporter.section("fault and attack suite")
+            terminalreporter.write_line(ledger.table())
