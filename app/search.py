@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -32,6 +33,9 @@ _STOPWORDS = frozenset(
 )
 
 
+# Words repeat (a few thousand make up most of any text), so the pure per-word
+# steps are memoised, bounded so that a worker's memory stays flat.
+@lru_cache(maxsize=1 << 15)
 def _stem(word: str) -> str:
     # A light suffix stripper: enough that "paintings" meets "painting" and
     # "painted" meets "paint", without a dictionary.
@@ -63,6 +67,7 @@ def terms(text: str) -> list[str]:
     return [_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOPWORDS]
 
 
+@lru_cache(maxsize=1 << 15)
 def _bucket(term: str) -> tuple[int, float]:
     digest = hashlib.blake2b(term.encode(), digest_size=8).digest()
     value = int.from_bytes(digest, "little")
@@ -157,3 +162,80 @@ def bm25(
         similarity = float(np.dot(query_vec, vector_from_bytes(vectors[i])))
         hits.append(Hit(memory_id=ids[i], score=round(score, 6), similarity=similarity))
     return hits
+
+
+# --- re-ranking by a trained policy ------------------------------------------
+#
+# rl_training learns weights over these features and search applies them; both
+# compute the features here so that training and serving rank the same way.
+
+RANKING_FEATURES: tuple[str, ...] = (
+    "bm25",
+    "bm25_rank",
+    "similarity",
+    "overlap",
+    "recency",
+    "importance",
+    "usage",
+    "length",
+)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One memory offered for a query, with what its ranking features come from."""
+
+    memory_id: str
+    content: str
+    created_at: float  # POSIX seconds
+    importance: float
+    access_count: int
+    # The BM25 score and 0-based rank; None when BM25 did not offer the memory.
+    bm25: float | None = None
+    bm25_rank: int | None = None
+
+
+def ranking_features(query: str, candidates: Sequence[Candidate]) -> np.ndarray:
+    """The ``(len(candidates), len(RANKING_FEATURES))`` features of one query.
+
+    Every column is standardised over the query's candidates: what matters is
+    how a memory compares with the others offered for the same query, so weights
+    learnt on some queries carry over to others whatever their score scale. A
+    column that does not vary (say, equal importance everywhere) is all zeros.
+    """
+    query_terms = terms(query)
+    query_set = set(query_terms)
+    query_vec = vector(query_terms)
+    best = max((c.bm25 for c in candidates if c.bm25 is not None), default=0.0) or 1.0
+    raw = np.zeros((len(candidates), len(RANKING_FEATURES)), dtype=np.float64)
+    for i, cand in enumerate(candidates):
+        memory_terms = terms(cand.content)
+        raw[i] = (
+            (cand.bm25 or 0.0) / best,
+            0.0 if cand.bm25_rank is None else 1.0 / (1 + cand.bm25_rank),
+            float(np.dot(query_vec, vector(memory_terms))),
+            len(query_set.intersection(memory_terms)) / len(query_set) if query_set else 0.0,
+            cand.created_at / 86_400.0,
+            cand.importance,
+            math.log1p(max(0, cand.access_count)),
+            math.log1p(len(memory_terms)),
+        )
+    if not len(raw):
+        return raw
+    std = raw.std(axis=0)
+    centred = raw - raw.mean(axis=0)
+    return np.divide(centred, std, out=np.zeros_like(raw), where=std > 1e-9)
+
+
+def weight_vector(weights: dict[str, float]) -> np.ndarray:
+    """A policy's stored ``{feature: weight}`` in ``RANKING_FEATURES`` order (missing: 0)."""
+    return np.array([float(weights.get(name, 0.0)) for name in RANKING_FEATURES])
+
+
+def policy_order(features: np.ndarray, weights: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Candidate indices best first by ``features @ weights``, and the scores.
+
+    Ties keep the candidates' given (BM25) order.
+    """
+    scores = features @ weights if len(features) else np.zeros(0)
+    return [int(i) for i in np.argsort(-scores, kind="stable")], scores

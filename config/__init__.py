@@ -37,7 +37,14 @@ IMPORT_FORMATS: tuple[str, ...] = (
 
 # Types whose handlers exist. The others are refused by the API with a clear
 # message instead of being accepted by a handler that would only pretend.
-AVAILABLE_JOB_TYPES: tuple[str, ...] = ("bulk_import", "cleanup")
+AVAILABLE_JOB_TYPES: tuple[str, ...] = (
+    "bulk_import",
+    "data_export",
+    "backup",
+    "cleanup",
+    "consolidation",
+    "rl_training",
+)
 
 # At most one active job of these types per account.
 SINGLETON_JOB_TYPES: tuple[str, ...] = ("backup", "consolidation", "cleanup", "rl_training")
@@ -90,6 +97,9 @@ class Settings:
     database_url: str
     broker_url: str
     broker_key_prefix: str
+    # Where task results go; empty (the default) keeps none: job state lives in
+    # the database. Benchmarks set it for a bare Celery round trip.
+    result_backend: str
     embedded: bool
     import_allowed_hosts: str
     import_allow_private: bool
@@ -100,15 +110,34 @@ class Settings:
     job_retention_days: int
     max_attempts: int
     visibility_timeout: int
+    worker_memory_limit_mb: int
     progress_interval: float
     heartbeat_interval: float
     heartbeat_stale_after: float
     cancel_grace_seconds: float
     dispatch_after_seconds: float
+    redispatch_after_seconds: float
     sweep_interval: float
+    schedule_check_seconds: float
     cleanup_grace_days: int
     cleanup_batch_size: int
+    # rl_training refuses to start with less feedback than this to learn from.
+    rl_min_feedback_rows: int
+    rl_min_feedback_queries: int
     artifact_dir: Path
+    # Exports stay downloadable this long; then the sweep and cleanup remove them.
+    artifact_retention_days: int
+    # Rows per batch that data_export and backup read and write between checkpoints.
+    export_batch_size: int
+    backup_batch_size: int
+    backup_dir: Path
+    # Backups kept per account; older ones are pruned after each successful backup.
+    backup_keep: int
+    # s3://bucket/prefix stores backups there instead of backup_dir. Credentials
+    # come from boto3's usual chain (AWS_ACCESS_KEY_ID, ...), never from here.
+    backup_s3_url: str
+    backup_s3_endpoint_url: str
+    backup_s3_region: str
     api_host: str
     api_port: int
     flower_port: int
@@ -145,6 +174,7 @@ def load_settings() -> Settings:
         database_url=database_url,
         broker_url=broker_url,
         broker_key_prefix=_env("HEBBRIX_BROKER_KEY_PREFIX", ""),
+        result_backend=_env("HEBBRIX_RESULT_BACKEND", ""),
         embedded=embedded,
         import_allowed_hosts=_env("HEBBRIX_IMPORT_ALLOWED_HOSTS", default_allowed),
         import_allow_private=_env_bool("HEBBRIX_IMPORT_ALLOW_PRIVATE", False),
@@ -155,15 +185,31 @@ def load_settings() -> Settings:
         job_retention_days=_env_int("HEBBRIX_JOB_RETENTION_DAYS", 30),
         max_attempts=_env_int("HEBBRIX_MAX_ATTEMPTS", 3),
         visibility_timeout=_env_int("HEBBRIX_VISIBILITY_TIMEOUT", 4 * 3600),
+        # Address-space limit of each worker pool child in MiB; 0 for none.
+        worker_memory_limit_mb=_env_int("HEBBRIX_WORKER_MEMORY_LIMIT_MB", 0),
         progress_interval=_env_float("HEBBRIX_PROGRESS_INTERVAL", 0.5),
         heartbeat_interval=_env_float("HEBBRIX_HEARTBEAT_INTERVAL", 5.0),
         heartbeat_stale_after=_env_float("HEBBRIX_HEARTBEAT_STALE_AFTER", 60.0),
         cancel_grace_seconds=_env_float("HEBBRIX_CANCEL_GRACE_SECONDS", 30.0),
         dispatch_after_seconds=_env_float("HEBBRIX_DISPATCH_AFTER_SECONDS", 5.0),
+        # A queued job is published again after this long (a broker restarted
+        # without persistence has lost it); well above any normal queue wait.
+        redispatch_after_seconds=_env_float("HEBBRIX_REDISPATCH_AFTER_SECONDS", 1800.0),
         sweep_interval=_env_float("HEBBRIX_SWEEP_INTERVAL", 10.0),
+        schedule_check_seconds=_env_float("HEBBRIX_SCHEDULE_CHECK_SECONDS", 60.0),
         cleanup_grace_days=_env_int("HEBBRIX_CLEANUP_GRACE_DAYS", 7),
         cleanup_batch_size=_env_int("HEBBRIX_CLEANUP_BATCH_SIZE", 500),
+        rl_min_feedback_rows=_env_int("HEBBRIX_RL_MIN_FEEDBACK_ROWS", 20),
+        rl_min_feedback_queries=_env_int("HEBBRIX_RL_MIN_FEEDBACK_QUERIES", 10),
         artifact_dir=Path(_env("HEBBRIX_ARTIFACT_DIR", str(var_dir / "artifacts"))).resolve(),
+        artifact_retention_days=_env_int("HEBBRIX_ARTIFACT_RETENTION_DAYS", 7),
+        export_batch_size=_env_int("HEBBRIX_EXPORT_BATCH_SIZE", 1000),
+        backup_batch_size=_env_int("HEBBRIX_BACKUP_BATCH_SIZE", 1000),
+        backup_dir=Path(_env("HEBBRIX_BACKUP_DIR", str(var_dir / "backups"))).resolve(),
+        backup_keep=_env_int("HEBBRIX_BACKUP_KEEP", 7),
+        backup_s3_url=_env("HEBBRIX_BACKUP_S3_URL", ""),
+        backup_s3_endpoint_url=_env("HEBBRIX_BACKUP_S3_ENDPOINT_URL", ""),
+        backup_s3_region=_env("HEBBRIX_BACKUP_S3_REGION", "us-east-1"),
         api_host=api_host,
         api_port=api_port,
         flower_port=_env_int("HEBBRIX_FLOWER_PORT", 5555),

@@ -36,6 +36,13 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
         # longest job, or a healthy long job would be delivered twice.
         "visibility_timeout": settings.visibility_timeout,
     }
+    if settings.visibility_timeout <= 600:
+        # kombu scans for expired unacked messages about every 100 s; with a
+        # short timeout that would dominate how long a redelivery takes.
+        options.update(
+            unacked_restore_interval=max(1, settings.visibility_timeout // 2),
+            unacked_restore_throttle=1,
+        )
     if settings.broker_key_prefix:
         # Lets several deployments (or test runs) share one Redis.
         options["global_keyprefix"] = settings.broker_key_prefix
@@ -58,19 +65,22 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": "hebbrix.system.purge_expired_jobs",
             "schedule": crontab(minute=17),
         },
+        "expire-artifacts": {
+            "task": "hebbrix.system.expire_artifacts",
+            "schedule": crontab(minute="*/10"),
+        },
     }
-    if "cleanup" in AVAILABLE_JOB_TYPES:
-        schedule["cleanup-every-account"] = {
-            "task": "hebbrix.system.schedule_account_jobs",
-            "schedule": crontab(minute=0),
-            "args": ("cleanup", "hourly"),
-        }
-    if "consolidation" in AVAILABLE_JOB_TYPES:
-        schedule["consolidation-every-account"] = {
-            "task": "hebbrix.system.schedule_account_jobs",
-            "schedule": crontab(minute=30, hour=3),
-            "args": ("consolidation", "daily"),
-        }
+    # Per-account schedules: beat only checks often; the task creates the job of
+    # the current slot (hour, day) once, so a beat that was down at the top of
+    # the hour, restarted, or running twice still yields one run per slot.
+    check = timedelta(seconds=settings.schedule_check_seconds)
+    for job_type, period in (("cleanup", "hourly"), ("consolidation", "daily")):
+        if job_type in AVAILABLE_JOB_TYPES:
+            schedule[f"{job_type}-every-account"] = {
+                "task": "hebbrix.system.schedule_account_jobs",
+                "schedule": check,
+                "args": (job_type, period),
+            }
     return schedule
 
 
@@ -88,7 +98,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A worker keeps running tasks when the broker drops; their messages are
         # unacknowledged and come back if the worker dies meanwhile.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "result_backend": None,
+        "result_backend": settings.result_backend or None,
+        "result_backend_transport_options": (
+            {"global_keyprefix": settings.broker_key_prefix} if settings.broker_key_prefix else {}
+        ),
         "task_ignore_result": True,
         "task_queues": [Queue(q, routing_key=q) for q in ALL_QUEUES],
         "task_default_queue": SYSTEM_QUEUE,
@@ -101,7 +114,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "task_send_sent_event": True,
         "worker_send_task_events": True,
-        "worker_hijack_root_logger": False,
         "timezone": "UTC",
         "enable_utc": True,
         "beat_schedule": beat_schedule(settings),

@@ -1,8 +1,9 @@
 """cleanup: purge what soft deletion left behind, in bounded batches.
 
 Memories soft-deleted longer than the grace period go with their index entries;
-index entries whose memory no longer exists (orphans) go too. Memories merged by
-consolidation are kept: search resolves a consolidated memory to them.
+index entries whose memory no longer exists (orphans) go too, and so do the
+account's expired artifacts (export files). Memories merged by consolidation are
+kept: search resolves a consolidated memory to them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
-from app.models import IndexEntry, Memory, utcnow
+from app.artifacts import purge_expired_artifacts
+from app.models import Artifact, IndexEntry, Memory, utcnow
 from config import get_settings
 from tasks.context import JobContext
 
@@ -62,8 +64,12 @@ def run(ctx: JobContext, session: Session) -> dict[str, Any]:
 
     memories_q = _purgeable_memories(ctx.account_id, cutoff)
     orphans_q = _orphaned_entries(ctx.account_id)
+    artifacts_q = select(Artifact.id).where(
+        Artifact.account_id == ctx.account_id, Artifact.expires_at <= utcnow()
+    )
     memories_total = _count(session, memories_q)
     orphans_total = _count(session, orphans_q)
+    artifacts_total = _count(session, artifacts_q)
     session.commit()
     if dry_run:
         return {
@@ -72,14 +78,19 @@ def run(ctx: JobContext, session: Session) -> dict[str, Any]:
             "memories_purged": memories_total,
             "orphaned_index_entries_purged": orphans_total,
             "index_entries_purged": memories_total + orphans_total,
+            "artifacts_purged": artifacts_total,
             "bytes_freed": 0,
         }
 
     stats = ctx.stats
     stats.update(
-        memories_purged=0, index_entries_purged=0, orphaned_index_entries_purged=0, bytes_freed=0
+        memories_purged=0,
+        index_entries_purged=0,
+        orphaned_index_entries_purged=0,
+        artifacts_purged=0,
+        bytes_freed=0,
     )
-    total = max(1, memories_total + orphans_total)
+    total = max(1, memories_total + orphans_total + artifacts_total)
 
     ctx.stage = "memories"
     while True:
@@ -114,6 +125,23 @@ def run(ctx: JobContext, session: Session) -> dict[str, Any]:
         stats["bytes_freed"] += entry_bytes
         done = stats["memories_purged"] + stats["orphaned_index_entries_purged"]
         ctx.progress(100.0 * done / total, "purging orphaned index entries")
+        ctx.checkpoint()
+
+    ctx.stage = "artifacts"
+    while True:
+        purged, freed = purge_expired_artifacts(
+            session, account_id=ctx.account_id, limit=batch_size
+        )
+        if not purged:
+            break
+        stats["artifacts_purged"] += purged
+        stats["bytes_freed"] += freed
+        done = (
+            stats["memories_purged"]
+            + stats["orphaned_index_entries_purged"]
+            + stats["artifacts_purged"]
+        )
+        ctx.progress(100.0 * done / total, "purging expired artifacts")
         ctx.checkpoint()
 
     return {"dry_run": False, "older_than_days": days, **stats}

@@ -23,7 +23,7 @@ from app.db import new_session, session_scope
 from app.models import Job
 from config import AVAILABLE_JOB_TYPES, get_settings
 from config.celery import job_task_name
-from tasks import bulk_import, cleanup
+from tasks import backup, bulk_import, cleanup, consolidation, data_export, rl_training
 from tasks.context import JobCancelled, JobContext, JobFailed, JobSuperseded
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,11 @@ Handler = Callable[[JobContext, Session], dict[str, Any]]
 
 HANDLERS: dict[str, Handler] = {
     "bulk_import": bulk_import.run,
+    "data_export": data_export.run,
+    "backup": backup.run,
     "cleanup": cleanup.run,
+    "consolidation": consolidation.run,
+    "rl_training": rl_training.run,
 }
 assert set(HANDLERS) == set(AVAILABLE_JOB_TYPES), "every available type needs a handler"
 
@@ -134,8 +138,9 @@ def _define_job_task(job_type: str) -> Task:
         acks_late=True,
         reject_on_worker_lost=True,
         ignore_result=True,
-        soft_time_limit=soft,
-        time_limit=hard,
+        # 0 turns a limit off.
+        soft_time_limit=soft or None,
+        time_limit=hard or None,
         # Expected failures: logged without a traceback.
         throws=(JobFailed,),
     )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from celery import current_app, shared_task
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app import jobstate
+from app.artifacts import artifact_store, purge_expired_artifacts, remove_stale_partials
 from app.db import session_scope
 from app.dispatch import publish_job, revoke_job
 from app.models import Account, Job, JobEvent, utcnow
@@ -22,23 +24,42 @@ SWEEP_BATCH = 500
 HARD_LIMIT_MARGIN = timedelta(seconds=30)
 
 
+@shared_task(name="hebbrix.system.ping", ignore_result=False, time_limit=60)
+def ping() -> float:
+    """A no-op that says when it ran: the bare-Celery baseline of the benchmarks,
+    and a liveness probe of a worker. Its result is stored only when a result
+    backend is configured."""
+    return time.time()
+
+
 @shared_task(name="hebbrix.system.dispatch_queued_jobs", ignore_result=True, time_limit=300)
 def dispatch_queued_jobs() -> int:
-    """Publish queued jobs the broker never got (it was down when they were created)."""
+    """Publish queued jobs the broker never got (it was down when they were created).
+
+    Also re-publishes jobs queued for longer than ``redispatch_after``: a broker
+    restarted without persistence loses its messages, and a duplicate is
+    harmless (the first delivery claims the job, later ones find it taken).
+    """
     settings = get_settings()
-    before = utcnow() - timedelta(seconds=settings.dispatch_after_seconds)
+    now = utcnow()
+    before = now - timedelta(seconds=settings.dispatch_after_seconds)
+    stale = now - timedelta(seconds=settings.redispatch_after_seconds)
     with session_scope() as session:
         pending = session.execute(
-            select(Job.id, Job.type)
+            select(Job.id, Job.type, Job.dispatched_at)
             .where(
-                Job.status == jobstate.QUEUED, Job.dispatched_at.is_(None), Job.updated_at < before
+                Job.status == jobstate.QUEUED,
+                or_(
+                    and_(Job.dispatched_at.is_(None), Job.updated_at < before),
+                    Job.dispatched_at < stale,
+                ),
             )
             .order_by(Job.created_at)
             .limit(SWEEP_BATCH)
         ).all()
     published = 0
-    for job_id, job_type in pending:
-        if not publish_job(current_app, job_id, job_type):
+    for job_id, job_type, dispatched_at in pending:
+        if not publish_job(current_app, job_id, job_type, again=dispatched_at is not None):
             break  # the broker is still down; the next sweep tries again
         published += 1
     if published:
@@ -136,6 +157,30 @@ def purge_expired_jobs() -> int:
             session.execute(delete(Job).where(Job.id.in_(ids)))
         purged += len(ids)
     return purged
+
+
+# A temporary file this old belongs to a writer that died (no job runs this long).
+STALE_PARTIAL_SECONDS = 24 * 3600
+
+
+@shared_task(name="hebbrix.system.expire_artifacts", ignore_result=True, time_limit=1800)
+def expire_artifacts() -> dict[str, int]:
+    """Remove artifacts past ``expires_at`` (file and row), and dead writers' leftovers."""
+    store = artifact_store()
+    counts = {"artifacts": 0, "bytes": 0, "partials": 0}
+    while True:
+        with session_scope() as session:
+            purged, freed = purge_expired_artifacts(session, limit=SWEEP_BATCH, store=store)
+        counts["artifacts"] += purged
+        counts["bytes"] += freed
+        if purged < SWEEP_BATCH:
+            break
+    counts["partials"] = remove_stale_partials(store.root, STALE_PARTIAL_SECONDS)
+    # Backup writers that died leave the same kind of leftovers in their directory.
+    counts["partials"] += remove_stale_partials(get_settings().backup_dir, STALE_PARTIAL_SECONDS)
+    if any(counts.values()):
+        log.info("expired artifacts: %s", counts)
+    return counts
 
 
 def slot_start(period: str, now: datetime) -> datetime:

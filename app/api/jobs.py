@@ -13,7 +13,7 @@ from sqlalchemy import delete, select
 from app import jobstate
 from app.auth import authenticate
 from app.dispatch import publish_job, revoke_job
-from app.models import Collection, Job, JobEvent
+from app.models import Account, Collection, Job, JobEvent
 from app.pagination import paginate
 from app.schemas import (
     PARAMETER_SCHEMAS,
@@ -22,6 +22,7 @@ from app.schemas import (
     JobPageSchema,
     JobSchema,
 )
+from app.store import feedback_shortfall
 from config import AVAILABLE_JOB_TYPES, SINGLETON_JOB_TYPES, get_settings
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Background jobs.")
@@ -46,7 +47,7 @@ def _validate_parameters(job_type: str, parameters: dict[str, Any]) -> dict[str,
         loaded = PARAMETER_SCHEMAS[job_type]().load(parameters)
     except ma.ValidationError as err:
         abort(422, message="Invalid job parameters.", errors={"json": {"parameters": err.messages}})
-    if job_type == "bulk_import":
+    if job_type in ("bulk_import", "consolidation") and "collection_id" in loaded:
         collection = g.db.get(Collection, loaded["collection_id"])
         if collection is None or collection.account_id != g.account_id:
             abort(
@@ -54,12 +55,46 @@ def _validate_parameters(job_type: str, parameters: dict[str, Any]) -> dict[str,
                 message="Invalid job parameters.",
                 errors={"json": {"parameters": {"collection_id": ["No such collection."]}}},
             )
+    if job_type == "data_export" and loaded.get("collection_ids"):
+        wanted = set(loaded["collection_ids"])
+        owned = set(
+            g.db.scalars(
+                select(Collection.id).where(
+                    Collection.id.in_(wanted), Collection.account_id == g.account_id
+                )
+            )
+        )
+        if missing := sorted(wanted - owned):
+            abort(
+                422,
+                message="Invalid job parameters.",
+                errors={
+                    "json": {
+                        "parameters": {
+                            "collection_ids": [f"No such collection: {', '.join(missing)}."]
+                        }
+                    }
+                },
+            )
+    if job_type == "rl_training":
+        # Refused now rather than failed later: the caller can go and rate results.
+        shortfall = feedback_shortfall(g.db, g.account_id)
+        if shortfall is not None:
+            abort(422, message=shortfall, errors={"json": {"type": [shortfall]}})
     # Stored as JSON: keep the caller's plain values, as validated.
     return {key: parameters[key] for key in loaded}
 
 
 def _check_admission(job_type: str) -> None:
     settings = get_settings()
+    # Admissions of one account take turns: the account row stays locked until
+    # the new job is committed, so concurrent requests cannot all pass the
+    # quota or singleton check below. NO KEY UPDATE (key_share) leaves the row
+    # free for foreign-key checks, so workers inserting this account's memories
+    # never wait on it. (SQLite already serializes writers.)
+    g.db.execute(
+        select(Account.id).where(Account.id == g.account_id).with_for_update(key_share=True)
+    )
     active = g.db.execute(
         select(Job.type, Job.id)
         .where(Job.account_id == g.account_id, Job.status.in_(jobstate.ACTIVE))
@@ -106,8 +141,8 @@ class Jobs(MethodView):
         g.db.commit()
         # Published only after the commit, so a worker always finds the row.
         publish_job(current_app.extensions["celery"], job.id, job.type)
-        g.db.refresh(job)
-        g.db.commit()
+        # The answer is the job as committed, queued; reading it back would cost a
+        # round trip per request and could only show a worker that already took it.
         return job, 202, {"Location": url_for("jobs.JobById", job_id=job.id)}
 
     @blp.arguments(JobListQuerySchema, location="query")
