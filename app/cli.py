@@ -262,7 +262,9 @@ def run(
         time.sleep(0.5)
     for child in children.values():
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
+            # The leader only: a Celery worker's warm shutdown lets its pool
+            # children finish their task, which a signal to the group would not.
+            child.terminate()
     deadline = time.monotonic() + 30
     for child in children.values():
         try:
