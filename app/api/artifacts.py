@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from flask import g, send_file
+from flask import send_file
 from flask.views import MethodView
 from flask_smorest import Blueprint, abort
 from werkzeug.wrappers import Response
 
+from app.api import get_owned
 from app.artifacts import artifact_store, download_url, is_expired
 from app.auth import authenticate
 from app.models import Artifact
@@ -25,9 +26,7 @@ blp.before_request(authenticate)
 
 
 def get_owned_artifact(artifact_id: str) -> Artifact:
-    artifact = g.db.get(Artifact, artifact_id)
-    if artifact is None or artifact.account_id != g.account_id:
-        abort(404, message=f"No artifact {artifact_id}.")
+    artifact = get_owned(Artifact, artifact_id, "artifact")
     if is_expired(artifact):
         abort(410, message=f"Artifact {artifact_id} has expired; run the export again.")
     return artifact

@@ -6,9 +6,10 @@ from typing import Any
 
 from flask import g
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from sqlalchemy import select
 
+from app.api import get_owned
 from app.auth import authenticate
 from app.models import Collection, new_id
 from app.pagination import paginate
@@ -26,10 +27,7 @@ blp.before_request(authenticate)
 
 
 def get_owned_collection(collection_id: str) -> Collection:
-    collection = g.db.get(Collection, collection_id)
-    if collection is None or collection.account_id != g.account_id:
-        abort(404, message=f"No collection {collection_id}.")
-    return collection
+    return get_owned(Collection, collection_id, "collection")
 
 
 @blp.route("")

@@ -6,9 +6,10 @@ from typing import Any
 
 from flask import g
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from sqlalchemy import select
 
+from app.api import get_owned
 from app.auth import authenticate
 from app.models import Document
 from app.pagination import paginate
@@ -37,7 +38,4 @@ class DocumentById(MethodView):
     @blp.response(200, DocumentSchema)
     def get(self, document_id: str) -> Document:
         """Get a document"""
-        document = g.db.get(Document, document_id)
-        if document is None or document.account_id != g.account_id:
-            abort(404, message=f"No document {document_id}.")
-        return document
+        return get_owned(Document, document_id, "document")

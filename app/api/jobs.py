@@ -11,6 +11,7 @@ from flask_smorest import Blueprint, abort
 from sqlalchemy import delete, select
 
 from app import jobstate
+from app.api import get_owned
 from app.auth import authenticate
 from app.dispatch import publish_job, revoke_job
 from app.models import Account, Collection, Job, JobEvent
@@ -30,10 +31,7 @@ blp.before_request(authenticate)
 
 
 def get_owned_job(job_id: str) -> Job:
-    job = g.db.get(Job, job_id)
-    if job is None or job.account_id != g.account_id:
-        abort(404, message=f"No job {job_id}.")
-    return job
+    return get_owned(Job, job_id, "job")
 
 
 def _validate_parameters(job_type: str, parameters: dict[str, Any]) -> dict[str, Any]:

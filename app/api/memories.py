@@ -6,9 +6,10 @@ from typing import Any
 
 from flask import g
 from flask.views import MethodView
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from sqlalchemy import select, update
 
+from app.api import get_owned
 from app.api.collections import get_owned_collection
 from app.auth import authenticate
 from app.models import Memory, MemoryFeedback, new_id, utcnow
@@ -36,10 +37,7 @@ blp.before_request(authenticate)
 
 
 def get_owned_memory(memory_id: str) -> Memory:
-    memory = g.db.get(Memory, memory_id)
-    if memory is None or memory.account_id != g.account_id:
-        abort(404, message=f"No memory {memory_id}.")
-    return memory
+    return get_owned(Memory, memory_id, "memory")
 
 
 @blp.route("")
