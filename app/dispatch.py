@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 # After a failed publish, jobs skip the broker for this long and are left to the
 # dispatcher sweep, which publishes them once the broker answers again.
 BROKER_BACKOFF_SECONDS = 5.0
-_broker_down_until = 0.0
+# Kept on the Celery app, as it is that app's broker which is down.
+_DOWN_UNTIL = "hebbrix_broker_down_until"
 
 
 def publish_job(celery: Celery, job_id: str, job_type: str, *, again: bool = False) -> bool:
@@ -26,8 +27,7 @@ def publish_job(celery: Celery, job_id: str, job_type: str, *, again: bool = Fal
     A failure is not an error for the caller: the job stays queued with no
     ``dispatched_at`` and the periodic dispatcher publishes it later.
     """
-    global _broker_down_until
-    if time.monotonic() < _broker_down_until:
+    if time.monotonic() < getattr(celery, _DOWN_UNTIL, 0.0):
         return False
     try:
         celery.send_task(
@@ -39,7 +39,7 @@ def publish_job(celery: Celery, job_id: str, job_type: str, *, again: bool = Fal
     except Exception:
         # Finding the broker down costs seconds of connection retries; spare the
         # next requests that wait while it is likely still down.
-        _broker_down_until = time.monotonic() + BROKER_BACKOFF_SECONDS
+        setattr(celery, _DOWN_UNTIL, time.monotonic() + BROKER_BACKOFF_SECONDS)
         log.warning("broker unavailable; job %s left for the dispatcher", job_id, exc_info=True)
         return False
     with session_scope() as session:

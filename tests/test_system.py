@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 import config
-from app import create_app, dispatch, jobstate
+from app import create_app, jobstate
 from app.db import session_scope
 from app.models import IndexEntry, Job, JobEvent, Memory, utcnow
 from app.store import insert_memories
@@ -29,7 +29,8 @@ def _closed_port() -> int:
 
 
 def test_job_posted_while_the_broker_is_down_is_accepted_and_runs_once_it_is_back(
-    account: Account, monkeypatch: Any, start_worker: Any, beat: Any, client: Any
+    account: Account, monkeypatch: Any, start_worker: Any, beat: Any, client: Any,
+    flask_app: Any,
 ) -> None:
     # An API process whose broker is unreachable (nothing listens on the port).
     # Celery reads CELERY_BROKER_URL at publish time, so it stays set meanwhile.
@@ -46,7 +47,9 @@ def test_job_posted_while_the_broker_is_down_is_accepted_and_runs_once_it_is_bac
     finally:
         monkeypatch.undo()
         config.reload_settings()
-        dispatch._broker_down_until = 0.0  # this process publishes to the real broker again
+        # Celery made the new app the default one: give the default back, so
+        # later tasks of this process publish through the real broker again.
+        flask_app.extensions["celery"].set_default()
     assert resp.status_code == 202, resp.json
     assert elapsed < 15  # answered, not hung on the broker
     job_id = resp.json["id"]
