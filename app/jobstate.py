@@ -232,6 +232,7 @@ def complete(
             attempt=attempt,
             result=result,
             progress=100.0,
+            progress_message=None,
             checkpoint=None,
             **_terminal_values(retention_days),
         )

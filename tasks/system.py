@@ -226,9 +226,10 @@ def schedule_account_jobs(job_type: str, period: str, now: str | None = None) ->
                     metadata={"triggered_by": "schedule", "slot": slot.isoformat()},
                     schedule_key=key,
                 )
-                created.append((job.id, job_type))
         except IntegrityError:
-            continue  # another beat got there first
+            continue  # this slot's job exists: another check or beat made it
+        # Only once the commit went through: the unique key is checked there.
+        created.append((job.id, job_type))
     for job_id, jtype in created:
         publish_job(current_app, job_id, jtype)
     return len(created)

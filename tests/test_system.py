@@ -84,6 +84,9 @@ def test_scheduled_jobs_are_created_once_per_account_type_and_slot(
     for acct in accounts:
         job_id = client.get("/v1/jobs?type=cleanup", headers=acct.headers).json["data"][0]["id"]
         client.post(f"/v1/jobs/{job_id}/cancel", headers=acct.headers)
+    # Once they are over, checking the same slot again creates (and publishes)
+    # nothing; the next slot gets its own run.
+    assert schedule_account_jobs("cleanup", "hourly", now=moment) == 0
     assert schedule_account_jobs("cleanup", "hourly", now="2031-05-04T11:00:05+00:00") >= 2
     # Every account of the test database got these runs: cancel them so the
     # workers of later tests skip them instead of cleaning every account.
