@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,13 +140,26 @@ def backups_restore(backup_id: str, into: str | None) -> None:
         click.echo(result.api_key)
 
 
-def _local_key() -> str:
+def _local_key() -> tuple[str, str]:
+    """A new API key for the "local" account (made on first run), and its id."""
     with session_scope() as session:
         account = session.scalar(select(Account).where(Account.name == "local").limit(1))
         if account is None:
-            _, key = create_account(session, "local")
-            return key
-        return create_key(session, account.id)
+            account, key = create_account(session, "local")
+            return key, account.id
+        return create_key(session, account.id), account.id
+
+
+def _check_port_free(host: str, port: int, name: str) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise click.ClickException(
+                f"{name} port {host}:{port} is in use; choose another with --port / "
+                "--flower-port (or HEBBRIX_API_PORT / HEBBRIX_FLOWER_PORT)."
+            ) from None
 
 
 def _check_flower_auth(basic_auth: str, *, embedded: bool) -> None:
@@ -191,9 +205,12 @@ def run(
     if not no_flower:
         # Refused before anything starts: a half-started stack would be left running.
         _check_flower_auth(settings.flower_basic_auth, embedded=settings.embedded)
+    ports = {"API": settings.api_port} | ({} if no_flower else {"Flower": settings.flower_port})
+    for name, wanted in ports.items():
+        _check_port_free(settings.api_host, wanted, name)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     migrate.upgrade()
-    key = _local_key()
+    key, account_id = _local_key()
     reset_engine()  # the children open their own connections
 
     env = {**os.environ, "HEBBRIX_VAR_DIR": str(settings.var_dir)}
@@ -239,7 +256,7 @@ def run(
     click.echo(f"API:     {settings.public_url}  (OpenAPI: {settings.public_url}/openapi.json)")
     if flower_url:
         click.echo(f"Flower:  {flower_url}")
-    click.echo(f"API key: {key}")
+    click.echo(f"API key: {key}  (account {account_id})")
     click.echo("Press Ctrl+C to stop.", err=True)
     sys.stdout.flush()
 

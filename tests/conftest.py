@@ -66,6 +66,18 @@ def database() -> Iterator[str]:
     _admin(f'DROP DATABASE IF EXISTS "{TEST_DB}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session", autouse=True)
+def broker_keys() -> Iterator[None]:
+    """Leave nothing of this run in the shared Redis."""
+    yield
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = TEST_ENV["HEBBRIX_BROKER_KEY_PREFIX"]
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+
+
 @pytest.fixture(scope="session")
 def flask_app(database: str) -> Any:
     return create_app({"TESTING": True})

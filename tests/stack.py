@@ -93,6 +93,14 @@ def _pg_bin(name: str) -> str:
     return found
 
 
+def _runuser() -> str:
+    # It lives in sbin, which a minimal PATH may leave out.
+    found = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if not found:
+        raise RuntimeError("runuser not found: needed to run PostgreSQL as a non-root user")
+    return found
+
+
 class PostgresCluster:
     """A throwaway PostgreSQL cluster (initdb in a temp dir) on a free port."""
 
@@ -101,7 +109,7 @@ class PostgresCluster:
         self.data = self.dir / "data"
         self.port = free_port()
         # PostgreSQL refuses to run as root; run it as the postgres user then.
-        self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.prefix = [_runuser(), "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self.prefix:
             shutil.chown(self.dir, "postgres")
         subprocess.run(
