@@ -12,7 +12,7 @@ a job out of a terminal state, and each transition is recorded as a job event.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -121,11 +121,15 @@ def mark_dispatched(session: Session, job_id: str, *, again: bool = False) -> No
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker may do with a delivered job."""
+    """What a worker may do with a delivered job, and what it needs to run it."""
 
     run: bool
     attempt: int = 0
     reason: str = ""
+    account_id: str = ""
+    job_type: str = ""
+    parameters: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
 
 
 def claim_attempt(
@@ -134,22 +138,22 @@ def claim_attempt(
     *,
     worker: str,
     max_attempts: int,
-    previous_is_dead: bool,
+    previous_is_dead: Callable[[Job], bool],
     retention_days: int,
 ) -> Claim:
     """Start a new attempt of ``job_id`` for ``worker``, or say why not.
 
-    A job still ``running`` is taken over only when the caller has found its
-    previous attempt dead (a redelivery after a lost worker); a live duplicate
-    delivery is skipped. Past ``max_attempts`` the job fails instead, so a job
+    A job still ``running`` is taken over only when ``previous_is_dead`` finds
+    its previous attempt dead (a redelivery after a lost worker); a live
+    duplicate delivery is skipped. Past ``max_attempts`` the job fails instead, so a job
     that kills its worker every time cannot loop forever.
     """
-    job = session.get(Job, job_id, populate_existing=True)
+    job = session.get(Job, job_id)
     if job is None:
         return Claim(False, reason="no such job")
     if job.status not in ACTIVE:
         return Claim(False, reason=f"job is {job.status}")
-    if job.status == RUNNING and not previous_is_dead:
+    if job.status == RUNNING and not previous_is_dead(job):
         return Claim(False, reason="job is running elsewhere")
     if job.attempts >= max_attempts:
         fail(
@@ -178,7 +182,14 @@ def claim_attempt(
     )
     if came_from is None:
         return Claim(False, reason="lost a race for the job")
-    return Claim(True, attempt=attempt)
+    return Claim(
+        True,
+        attempt=attempt,
+        account_id=job.account_id,
+        job_type=job.type,
+        parameters=dict(job.parameters),
+        checkpoint=dict(job.checkpoint or {}),
+    )
 
 
 def report_progress(

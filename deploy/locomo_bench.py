@@ -192,7 +192,7 @@ def run_handler(
             job_id,
             worker="bench",
             max_attempts=1,
-            previous_is_dead=True,
+            previous_is_dead=lambda _job: True,
             retention_days=1,
         )
     ctx = JobContext(

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 
 from app import jobstate
 from app.db import new_session, session_scope
-from app.models import Job
 from config import AVAILABLE_JOB_TYPES, get_settings
 from config.celery import job_task_name
 from tasks import backup, bulk_import, cleanup, consolidation, data_export, rl_training
@@ -72,18 +71,16 @@ def run_job(task: Task, job_id: str) -> dict[str, Any] | None:
         log.info("skipping %s: %s", job_id, reason)
         return None
     settings = get_settings()
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        ctx = JobContext(
-            job_id=job.id,
-            account_id=job.account_id,
-            job_type=job.type,
-            parameters=dict(job.parameters),
-            attempt=claim.attempt,
-            saved=dict(job.checkpoint or {}),
-            min_interval=settings.progress_interval,
-        )
+    # Everything the handler needs came with the claim: no second read.
+    ctx = JobContext(
+        job_id=job_id,
+        account_id=claim.account_id,
+        job_type=claim.job_type,
+        parameters=claim.parameters or {},
+        attempt=claim.attempt,
+        saved=claim.checkpoint or {},
+        min_interval=settings.progress_interval,
+    )
     heartbeat = _Heartbeat(job_id, claim.attempt, settings.heartbeat_interval)
     heartbeat.start()
     session = new_session()

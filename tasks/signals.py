@@ -104,14 +104,14 @@ def _claim(task_id: str, task: Task, **_: Any) -> None:
     settings = get_settings()
 
     def claim_it(session: Session) -> jobstate.Claim:
-        job = session.get(Job, task_id)
-        dead = job is not None and previous_attempt_dead(job, settings.heartbeat_stale_after)
         return jobstate.claim_attempt(
             session,
             task_id,
             worker=f"{HOSTNAME}:{os.getpid()}",
             max_attempts=settings.max_attempts,
-            previous_is_dead=dead,
+            previous_is_dead=lambda job: previous_attempt_dead(
+                job, settings.heartbeat_stale_after
+            ),
             retention_days=settings.job_retention_days,
         )
 
