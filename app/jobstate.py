@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, select, update
+from sqlalchemy import case, update
 from sqlalchemy.orm import Session
 
 from app.models import Job, JobEvent, new_id, utcnow
@@ -322,21 +322,4 @@ def record_cancel_details(session: Session, job_id: str, details: dict[str, Any]
         .where(Job.id == job_id, Job.status == CANCELLED)
         .values(error_details=details, worker=None, updated_at=utcnow())
         .execution_options(synchronize_session=False)
-    )
-
-
-def release_worker(session: Session, job_id: str, attempt: int) -> None:
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempts == attempt)
-        .values(worker=None)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def stale_running(session: Session, before: datetime, limit: int = 500) -> list[Job]:
-    return list(
-        session.scalars(
-            select(Job).where(Job.status == RUNNING, Job.heartbeat_at < before).limit(limit)
-        )
     )

@@ -83,24 +83,18 @@ def run_job(task: Task, job_id: str) -> dict[str, Any] | None:
     )
     heartbeat = _Heartbeat(job_id, claim.attempt, settings.heartbeat_interval)
     heartbeat.start()
-    session = new_session()
     try:
-        result = HANDLERS[ctx.job_type](ctx, session)
-        session.commit()
-        return result
+        return _call_handler(ctx)
     except JobCancelled:
-        session.rollback()
         with session_scope() as s:
             jobstate.record_cancel_details(
                 s, job_id, {"code": "cancelled", "stage": ctx.stage, **ctx.stats}
             )
         return None
     except JobSuperseded:
-        session.rollback()
         log.warning("attempt %s of %s was superseded; stopping", claim.attempt, job_id)
         return None
     except SoftTimeLimitExceeded:
-        session.rollback()
         limit = settings.time_limits[ctx.job_type][0]
         raise JobFailed(
             "soft_time_limit_exceeded",
@@ -109,21 +103,29 @@ def run_job(task: Task, job_id: str) -> dict[str, Any] | None:
             **ctx.stats,
         ) from None
     except JobFailed as exc:
-        session.rollback()
         exc.details = {"stage": ctx.stage, **ctx.stats, **exc.details}
         raise
     except RETRYABLE as exc:
-        session.rollback()
         retries = task.request.retries
         raise task.retry(
             exc=exc, countdown=min(60, 2 ** (retries + 1)), max_retries=settings.max_attempts - 1
         ) from exc
-    except Exception:
-        session.rollback()
-        raise
     finally:
         heartbeat.stopped.set()
-        session.close()
+
+
+def _call_handler(ctx: JobContext) -> dict[str, Any]:
+    """The handler in a session of its own, committed on success."""
+    with new_session() as session:
+        try:
+            result = HANDLERS[ctx.job_type](ctx, session)
+            session.commit()
+            return result
+        except BaseException:
+            # Before anyone records what happened: on SQLite an open write
+            # transaction of the handler would make that write wait.
+            session.rollback()
+            raise
 
 
 def _define_job_task(job_type: str) -> Task:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from celery import current_app, shared_task
 from sqlalchemy import and_, delete, or_, select, update
@@ -191,6 +192,11 @@ def slot_start(period: str, now: datetime) -> datetime:
     raise ValueError(f"unknown period {period!r}")
 
 
+def _schedule_key(job_type: str, account_id: Any, slot: datetime) -> Any:
+    """The unique key of one scheduled run; ``account_id`` may be a column."""
+    return f"{job_type}:" + account_id + f":{slot.isoformat()}"
+
+
 @shared_task(name="hebbrix.system.schedule_account_jobs", ignore_result=True, time_limit=1800)
 def schedule_account_jobs(job_type: str, period: str, now: str | None = None) -> int:
     """Create this slot's scheduled job of ``job_type`` for every account.
@@ -209,13 +215,20 @@ def schedule_account_jobs(job_type: str, period: str, now: str | None = None) ->
         busy = select(Job.account_id).where(
             Job.type == job_type, Job.status.in_(jobstate.ACTIVE)
         )
+        # Accounts that have this slot's run already are left out here, so the
+        # check every minute does not retry (and fail) one insert per account.
+        done = select(Job.id).where(
+            Job.schedule_key == _schedule_key(job_type, Account.id, slot)
+        )
         account_ids = list(
             session.scalars(
-                select(Account.id).where(Account.id.not_in(busy)).order_by(Account.id)
+                select(Account.id)
+                .where(Account.id.not_in(busy), ~done.exists())
+                .order_by(Account.id)
             )
         )
     for account_id in account_ids:
-        key = f"{job_type}:{account_id}:{slot.isoformat()}"
+        key = _schedule_key(job_type, account_id, slot)
         try:
             with session_scope() as session:
                 job = jobstate.create_job(
